@@ -1,0 +1,50 @@
+"""Plumbing shared by the notebook experiments: device, data cache, provenance, unit keys."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .. import data as data_mod
+from ..config import check_choice, env_offline
+from ..results import provenance
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("parameter 'device' = 'cuda' is not allowed: no CUDA device is available here")
+    return torch.device(device)
+
+
+def resolve_offline(offline: bool | None) -> bool:
+    return env_offline() if offline is None else bool(offline)
+
+
+@functools.lru_cache(maxsize=4)
+def load_data(name: str, offline: bool, substitute: str | None, device: str) -> data_mod.ImageData:
+    """Data sets are loaded once per process and shared by every run that asks for them."""
+    return data_mod.load(name, offline=offline, substitute=substitute, device=device)
+
+
+def data_provenance(data: data_mod.ImageData) -> dict[str, Any]:
+    return {**data.provenance(), "label": data.label}
+
+
+def group_provenance(device: torch.device, data: data_mod.ImageData, **extra: Any) -> dict[str, Any]:
+    return provenance(device, data=data_provenance(data), **extra)
+
+
+def adam(params, lr: float, **kw: Any) -> torch.optim.Adam:
+    """torch's Adam, fused into one kernel where this torch supports it (CPU since 2.4, CUDA)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, **kw)
