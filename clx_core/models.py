@@ -179,12 +179,26 @@ class Flatten(nn.Module):
         return x.flatten(2)
 
 
+class MaxPool2d(nn.Module):
+    """Max pooling of (K, B, C, H, W) maps (the K models are folded into the batch)."""
+
+    def __init__(self, kernel_size: int, stride: int | None = None):
+        super().__init__()
+        self.kernel_size, self.stride = kernel_size, stride or kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(x.flatten(0, 1), self.kernel_size, self.stride)
+        return y.view(*x.shape[:3], *y.shape[2:])
+
+
 class MLP(nn.Module):
     """Fully connected classifier: [Linear -> activation (-> dropout)] x L -> Linear head.
 
     ``activation`` builds the non-linearity for a layer width (``nn.ReLU`` by default; the
-    sparse notebook passes k-winners). ``hidden`` is the feature extractor, ``head`` the
-    output layer (one output unit per class of every task; heads are slices of it).
+    sparse notebook passes k-winners), ``layer`` the hidden linear layers from
+    ``(in, out, gens)`` (:class:`Linear` by default; e.g. sparse weights). ``hidden`` is the
+    feature extractor, ``head`` the output layer (one output unit per class of every task;
+    heads are slices of it).
     """
 
     def __init__(
@@ -196,12 +210,14 @@ class MLP(nn.Module):
         activation=None,
         dropout: float = 0.0,
         dropout_gens: Generators | None = None,
+        layer=None,
     ):
         super().__init__()
         layers: list[nn.Module] = [Flatten()]
         width = in_features
+        make = layer or Linear
         for h in hidden:
-            layers.append(Linear(width, h, gens))
+            layers.append(make(width, h, gens))
             layers.append(activation(h) if activation is not None else nn.ReLU())
             if dropout > 0:
                 layers.append(Dropout(dropout, dropout_gens))

@@ -78,7 +78,10 @@ class Schedule:
     batch_size: int = 128
     iters: int | None = None
     epochs: int | None = None
-    order: str = "task"  # "task": one task after another; "random": all tasks mixed (i.i.d.)
+    first_epochs: int | None = None  # epochs of task 0 when it differs (the sparse source's train_ep)
+    # "task": one task after another; "random": every block draws from the union of all tasks
+    # (i.i.d.; with the same budget this is the joint / cumulative baseline)
+    order: str = "task"
     eval_every: int | None = None  # also evaluate every N iterations (learning curves)
     eval_at: tuple[int, ...] = ()  # ... and at these global iterations (e.g. log-spaced)
     eval_samples: int | None = 1024  # test samples per task for those curves (None = all)
@@ -92,6 +95,8 @@ class Schedule:
             check_int("iters", self.iters, 1)
         if self.epochs is not None:
             check_int("epochs", self.epochs, 1)
+        if self.first_epochs is not None:
+            check_int("first_epochs", self.first_epochs, 1)
         check_choice("order", self.order, ORDERS)
         if self.eval_every is not None:
             check_int("eval_every", self.eval_every, 1)
@@ -110,8 +115,10 @@ class History:
     """What a run measured, per model: accuracy matrix, learning curves, losses, times."""
 
     acc: np.ndarray  # (K, T, T): after task i, on task j
+    test_loss: np.ndarray  # (K, T, T): mean test cross-entropy, after task i, on task j
     curve_steps: list[int]  # iterations at which curves were evaluated
     curve_acc: np.ndarray  # (K, n_evals, T)
+    curve_loss: np.ndarray  # (K, n_evals, T) test cross-entropy at the same points
     loss: np.ndarray  # (K, n_tasks) mean training loss per task
     seconds: float = 0.0
     steps: int = 0
@@ -152,21 +159,24 @@ def evaluate(
     max_samples: int | None = None,
     tasks: Sequence[int] | None = None,
     chunk_rows: int = 16384,
-) -> np.ndarray:
-    """Accuracy (K, T) of every model on every task's test set (or its first ``max_samples``).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and mean cross-entropy, each (K, T), of every model on every task's test set.
 
-    Only ``tasks`` are evaluated when given (the others are NaN).
-    Each task's samples go through the network in large chunks shared by all K models;
-    ``progress`` is the task being trained (it decides the class scenario's seen outputs).
+    Uses each task's whole test set, or a fixed subset of ``max_samples``; only ``tasks`` are
+    evaluated when given (the others are NaN). Each task's samples go through the network in
+    large chunks shared by all K models; ``progress`` is the task being trained (it decides the
+    class scenario's seen outputs).
     """
     was_training = model.training
     model.eval()
     K = n_models(model)
     acc = np.full((K, scenario.n_tasks), np.nan)
+    loss = np.full((K, scenario.n_tasks), np.nan)
     for t in range(scenario.n_tasks) if tasks is None else tasks:
         idx = _eval_index(scenario, t, max_samples)
         chunk = max(1, chunk_rows // K)
         correct = torch.zeros(K, device=idx.device)
+        total_loss = torch.zeros(K, device=idx.device)
         for s in range(0, len(idx), chunk):
             part = idx[s : s + chunk].unsqueeze(0)
             batch = scenario.batch("test", t, part, progress)
@@ -174,9 +184,12 @@ def evaluate(
             if batch.active is not None:
                 out = out.masked_fill(~batch.active, float("-inf"))
             correct += (out.argmax(-1) == batch.y).sum(1)
+            logp = torch.log_softmax(out, dim=-1)
+            total_loss -= logp.gather(-1, batch.y.expand(K, -1).unsqueeze(-1)).squeeze(-1).sum(1)
         acc[:, t] = (correct / len(idx)).cpu().numpy()
+        loss[:, t] = (total_loss / len(idx)).cpu().numpy()
     model.train(was_training)
-    return acc
+    return acc, loss
 
 
 def _eval_index(scenario: Scenario, task: int, max_samples: int | None) -> torch.Tensor:
@@ -201,7 +214,7 @@ def train(
     methods: Sequence[Method] = (),
     objective: Callable[[torch.Tensor, Batch], torch.Tensor] = cross_entropy,
     progress_bar: bool = True,
-    on_eval: Callable[[Run, np.ndarray], None] | None = None,
+    on_eval: Callable[[Run, np.ndarray, np.ndarray], None] | None = None,
 ) -> History:
     """Train K models (one per seed in ``streams``) through the scenario's tasks.
 
@@ -213,8 +226,8 @@ def train(
         raise ValueError(f"{len(streams)} seed streams for a network of {K} models")
     T = scenario.n_tasks
     run = Run(model, optimizer, scenario, streams, schedule, methods=methods)
-    acc = np.zeros((K, T, T))
-    curve_steps, curve_acc = [], []
+    acc, test_loss = np.zeros((K, T, T)), np.zeros((K, T, T))
+    curve_steps, curve_acc, curve_loss = [], [], []
     losses = np.zeros((K, T))
     device = run.device
     plans = [_plan(scenario, schedule, t) for t in range(T)]
@@ -258,19 +271,25 @@ def train(
             run.step += 1
             run.task_step += 1
             if schedule.evaluates_at(run.step):
-                a = evaluate(model, scenario, progress, schedule.eval_samples, schedule.eval_tasks)
+                a, lo = evaluate(model, scenario, progress, schedule.eval_samples, schedule.eval_tasks)
                 curve_steps.append(run.step)
                 curve_acc.append(a)
+                curve_loss.append(lo)
                 if on_eval is not None:
-                    on_eval(run, a)
+                    on_eval(run, a, lo)
             bar.update(1)
         losses[:, t] = (loss_sum / steps).cpu().numpy()
         for m in methods:
             m.after_task(run)
-        acc[:, t, :] = evaluate(model, scenario, progress)
+        acc[:, t, :], test_loss[:, t, :] = evaluate(model, scenario, progress)
     bar.close()
-    curves = np.stack(curve_acc, axis=1) if curve_acc else np.zeros((K, 0, T))
-    return History(acc, curve_steps, curves, losses, time.perf_counter() - start, run.step)
+
+    def stack(cs: list[np.ndarray]) -> np.ndarray:
+        return np.stack(cs, axis=1) if cs else np.zeros((K, 0, T))
+
+    return History(
+        acc, test_loss, curve_steps, stack(curve_acc), stack(curve_loss), losses, time.perf_counter() - start, run.step
+    )
 
 
 def _plan(scenario: Scenario, schedule: Schedule, t: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -281,10 +300,7 @@ def _plan(scenario: Scenario, schedule: Schedule, t: int) -> tuple[int, torch.Te
     else:  # random order: every block draws from the union of all tasks
         idx = torch.cat([i.cpu() for i in scenario.train_index])
         task = torch.cat([torch.full_like(i.cpu(), j) for j, i in enumerate(scenario.train_index)])
-    steps = steps_for(
-        len(idx) if schedule.order == "task" else len(idx) // scenario.n_tasks,
-        schedule.batch_size,
-        schedule.iters,
-        schedule.epochs,
-    )
+    epochs = schedule.first_epochs if (t == 0 and schedule.first_epochs is not None) else schedule.epochs
+    pool = len(idx) if schedule.order == "task" else len(idx) // scenario.n_tasks
+    steps = steps_for(pool, schedule.batch_size, schedule.iters, epochs)
     return steps, task, idx

@@ -165,6 +165,14 @@ def test_init_is_per_model_and_default_scale():
 
 def test_evaluate_chunking_does_not_change_accuracy():
     data = toy_data()
-    scen = scenarios.split(data, "class", classes_per_task=2)
+    scen = scenarios.split(data, "task", classes_per_task=2)
     model = MLP(64, (8,), scen.n_outputs, ModelStreams([0, 1]).init)
-    np.testing.assert_allclose(evaluate(model, scen, 1), evaluate(model, scen, 1, chunk_rows=14))
+    a, lo = evaluate(model, scen, 1)
+    b, lo2 = evaluate(model, scen, 1, chunk_rows=14)
+    np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(lo, lo2, rtol=1e-5)
+    # the loss is the mean cross-entropy over each task's test set, in its head
+    x = scen.data.test_x[scen.test_index[0]]
+    logits = model(x.unsqueeze(0).expand(2, -1, -1, -1, -1))[:, :, :2]
+    ref = torch.stack([F.cross_entropy(logits[k], scen.data.test_y[scen.test_index[0]]) for k in range(2)])
+    np.testing.assert_allclose(lo[:, 0], ref.detach().numpy(), rtol=1e-5)
