@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import bench, timed
+from .bench import bench
 from .config import check_choice, check_float, check_int, fail
 from .models import BatchNorm, Conv2d, Flatten, Linear, MaxPool2d, shared_parameters
 from .train import Method, Run
@@ -201,6 +201,19 @@ def _closed_form(model, x, y, kind, active, reduce, params, chunk):
     return [totals[id(p)] for _, p in params(model)]
 
 
+def _im2col(x: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C k k, L) patches, as F.unfold but via strided views.
+
+    Measured: F.unfold (aten::im2col) took 2-3 s for the EWC model's first two conv layers at
+    256 samples on this CPU, the strided view + one copy 20-80 ms.
+    """
+    if padding:
+        x = F.pad(x, (padding,) * 4)
+    p = x.unfold(2, k, stride).unfold(3, k, stride)  # (N, C, H', W', k, k)
+    n, c, h, w = p.shape[:4]
+    return p.permute(0, 1, 4, 5, 2, 3).reshape(n, c * k * k, h * w)
+
+
 def _layer_stats(mod: nn.Module, a: torch.Tensor, d: torch.Tensor, reduce: str, totals: dict) -> None:
     r = (lambda t: t.square()) if reduce == "square" else (lambda t: t.abs())
     w, b = mod.weight, mod.bias
@@ -213,8 +226,8 @@ def _layer_stats(mod: nn.Module, a: torch.Tensor, d: torch.Tensor, reduce: str, 
         K, bsz = a.shape[:2]
         dd = d.reshape(K * bsz, mod.out_channels, -1)  # (Kb, O, L)
         if id(w) in totals:
-            cols = F.unfold(a.flatten(0, 1), mod.kernel_size, padding=mod.padding, stride=mod.stride)  # (Kb, Ckk, L)
-            g = torch.bmm(dd, cols.transpose(1, 2))  # (Kb, O, Ckk): per-sample weight gradients
+            g = torch.bmm(dd, _im2col(a.flatten(0, 1), mod.kernel_size, mod.stride, mod.padding).transpose(1, 2))
+            # g: (Kb, O, C k k), the per-sample weight gradients
             totals[id(w)] += r(g).view(K, bsz, *w.shape[1:]).sum(1)
         if b is not None and id(b) in totals:
             totals[id(b)] += r(dd.sum(-1)).view(K, bsz, -1).sum(1)
@@ -735,34 +748,40 @@ def _bench_model(K: int, full: bool):
 
 @bench
 def fisher_diagonal(args) -> dict:
-    """Per-sample squared gradients (the Fisher diagonal) on the EWC conv model: each engine vs the naive loop."""
+    """Per-sample squared gradients (the Fisher diagonal) on the EWC conv model: each engine vs the naive loop.
+
+    The engines run interleaved, several rounds, best time each: on a shared CPU a burst of
+    load then hits every engine alike instead of one.
+    """
     out: dict = {}
-    for label, K, full, n in (
-        ("source_model_K1", 1, True, 64 if args.quick else 256),
-        ("quick_model_K20", 20, False, 64),
-    ):
+    cases = (("source_model_K1", 1, True, 64 if args.quick else 128), ("quick_model_K20", 20, False, 64))
+    methods = [m for m in GRAD_METHODS if m != "backpack" or backpack_available()]
+    for label, K, full, n in cases:
         torch.manual_seed(0)
         model = _bench_model(K, full)
         x = torch.rand(K, n, 1, 28, 28)
         y = torch.randint(0, 3, (K, n))
         active = torch.zeros(6, dtype=torch.bool)
         active[:3] = True
+        calls = {m: functools.partial(per_sample_grad_stats, model, x, y, active=active, method=m) for m in methods}
+        ref = calls["naive"]()
         res: dict = {"models": K, "samples": n}
-        ref = None
-        methods = [m for m in GRAD_METHODS if m != "backpack" or backpack_available()]
-        for m in ["naive", *[m for m in methods if m != "naive"]]:
-            fn = functools.partial(per_sample_grad_stats, model, x, y, active=active, method=m)
-            seconds = timed(fn, repeats=1 if m == "naive" else 3)
-            stats = fn()
-            if ref is None:
-                ref = stats
+        best = dict.fromkeys(methods, float("inf"))
+        for m in methods:
+            stats = calls[m]()  # warm-up, and the exactness check
             err = max(
                 float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(stats, ref, strict=True)
             )
-            res[m] = {"ms_per_sample": 1e3 * seconds / n, "max_rel_error_vs_naive": err}
+            res[m] = {"max_rel_error_vs_naive": err}
+        for _ in range(2 if args.quick else 3):
+            for m in methods:
+                start = time.perf_counter()
+                calls[m]()
+                best[m] = min(best[m], time.perf_counter() - start)
         for m in methods:
+            res[m]["ms_per_sample"] = 1e3 * best[m] / n
             if m != "naive":
-                res[m]["speedup_vs_naive"] = res["naive"]["ms_per_sample"] / res[m]["ms_per_sample"]
+                res[m]["speedup_vs_naive"] = best["naive"] / best[m]
         res["goal_speedup"] = ">= 20x (best engine vs naive)"
         out[label] = res
     return out
