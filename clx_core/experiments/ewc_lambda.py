@@ -81,8 +81,7 @@ class EWCLambdaConfig(Config):
             search_trials=1,
             num_steps=3,
             measures=("fisher_true", "weight_decay"),
-            grid_high=10.0,
-            grid_steps=3,
+            grid=(0.0, 0.3, 3.0),
             trials=3,
         ),
         "quick": dict(
@@ -91,13 +90,12 @@ class EWCLambdaConfig(Config):
             epochs=2,
             train_per_task=1200,
             fisher_samples=300,
-            search_trials=3,
+            search_trials=2,
             num_steps=6,
-            measures=("fisher_true", "fisher_empirical", "weight_decay", "sign_flipping", "mas", "si"),
-            grid_high=15.0,
-            grid_steps=6,
+            measures=("fisher_true", "fisher_empirical", "weight_decay", "sign_flipping", "si"),
+            grid=(0.0, 0.03, 0.1, 0.3, 1.0, 3.0),
             trials=6,
-            models_per_run=60,
+            models_per_run=48,
         ),
         "paper": {},
     }
@@ -141,8 +139,9 @@ class EWCLambdaConfig(Config):
         "mas",
         "si",
     )
-    grid_high: float = 19.0  # fixed grid linspace(0, grid_high, grid_steps), shared by all trials
-    grid_steps: int = 20
+    # the lambdas every trial trains: log-spaced, since with Omega normalised to mean 1 the useful
+    # range spans orders of magnitude (the source's linear [0, 20] is its upper end); must start at 0
+    grid: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     trials: int = 50  # per measure; 0 = until interrupted
     noise: str = "crn"  # "crn": same base model and data order for every lambda of a trial
     noise_check: bool = True  # also run the first measure with independent noise (what CRN buys)
@@ -191,8 +190,12 @@ class EWCLambdaConfig(Config):
             fail("measures", self.measures, "name at least one importance measure")
         for m in self.measures:
             check_choice("measures", m, MEASURES)
-        check_float("grid_high", self.grid_high, 0, low_open=True)
-        check_int("grid_steps", self.grid_steps, 2)
+        if len(self.grid) < 3:
+            fail("grid", self.grid, "give at least 3 lambdas (0, a best one and a neighbour)")
+        for v in self.grid:
+            check_float("grid", v, 0)
+        if self.grid[0] != 0 or any(b <= a for a, b in itertools.pairwise(self.grid)):
+            fail("grid", self.grid, "must start at 0 (the no-EWC baseline) and increase strictly")
         check_int("trials", self.trials, 0)
         check_choice("noise", self.noise, NOISES)
         check_bool("noise_check", self.noise_check)
@@ -364,6 +367,7 @@ class SearchSpec:
     noise: str
     max_passes: int | None = None
     label: str = ""
+    grid: tuple[float, ...] | None = None  # a fixed first grid instead of linspace(low, high, steps)
 
 
 @dataclasses.dataclass
@@ -410,7 +414,7 @@ def _new_trial(cfg: EWCLambdaConfig, spec: SearchSpec, index: int) -> _Trial:
 
 
 def _grid_units(cfg: EWCLambdaConfig, spec: SearchSpec, tr: _Trial) -> list[dict[str, Any]]:
-    lambdas = np.linspace(tr.low, tr.high, spec.steps)
+    lambdas = spec.grid if spec.grid is not None and tr.passes == 0 else np.linspace(tr.low, tr.high, spec.steps)
     units = []
     for i, lam in enumerate(lambdas):
         data_seed = tr.seed if spec.noise == "crn" else derive_seed(tr.seed, "noise", tr.passes, i) % 2**31
@@ -524,10 +528,10 @@ def source_search(cfg: EWCLambdaConfig, progress: bool = True) -> pd.DataFrame:
 
 
 def study(cfg: EWCLambdaConfig, progress: bool = True) -> pd.DataFrame:
-    """Figure 2's runs: every measure on one fixed grid [0, grid_high], ``trials`` trials each.
+    """Figure 2's runs: every measure on one fixed grid ``cfg.grid``, ``trials`` trials each.
 
-    The fixed grid is the source's search with degenerate bounds and a single pass, so every
-    trial sees the same lambdas and trials can be averaged and paired. With ``noise_check`` the
+    The search with a fixed grid and a single pass: every trial sees the same lambdas, so
+    trials can be averaged and paired. With ``noise_check`` the
     first measure also runs with independent noise (same trials, fresh data order per lambda).
     """
     runs = [(m, cfg.noise) for m in cfg.measures]
@@ -536,9 +540,8 @@ def study(cfg: EWCLambdaConfig, progress: bool = True) -> pd.DataFrame:
         runs.append((cfg.measures[0], other))
     frames = []
     for measure, noise in runs:
-        spec = SearchSpec(
-            measure, (0.0, 0.0), (cfg.grid_high, cfg.grid_high), cfg.grid_steps, 0.0, cfg.trials, noise, 1, "study"
-        )
+        top = (cfg.grid[-1], cfg.grid[-1])
+        spec = SearchSpec(measure, (0.0, 0.0), top, len(cfg.grid), 0.0, cfg.trials, noise, 1, "study", cfg.grid)
         frames.append(search(cfg, spec, progress))
     return pd.concat(frames, ignore_index=True)
 
@@ -789,6 +792,13 @@ def plot_search(search_runs: pd.DataFrame, title_measure: str):
     return fig
 
 
+def _lambda_axis(ax, lams) -> None:
+    """Symmetric-log x axis when the lambdas span orders of magnitude (0 stays on the axis)."""
+    pos = np.asarray(lams)[np.asarray(lams) > 0]
+    if len(pos) > 1 and pos.max() / pos.min() > 20:
+        ax.set_xscale("symlog", linthresh=pos.min(), linscale=0.5)
+
+
 def _panels(n: int, width: float = 3.3, height: float = 2.7):
     import matplotlib.pyplot as plt
 
@@ -816,6 +826,7 @@ def plot_study(study_runs: pd.DataFrame, noise: str = "crn"):
             if nz == noise:
                 j = int(np.argmin(M.mean(0)))
                 ax.axvline(lams[j], color="C3", lw=0.8, ls=":")
+        _lambda_axis(ax, lams)
         ax.set_title(MEASURE_LABELS[imp], fontsize=10)
         ax.set_xlabel("λ")
         ax.set_ylabel("measure")
@@ -840,6 +851,7 @@ def plot_differences(study_runs: pd.DataFrame, noise: str = "crn"):
         keep = lams > 0  # lambda 0 is far off the scale of the differences
         curve_with_band(ax, lams[keep], (M - M[:, [j]])[:, keep], MEASURE_LABELS[imp], marker="o", ms=3)
         ax.axhline(0, color="k", lw=0.8)
+        _lambda_axis(ax, lams)
         ax.set_title(MEASURE_LABELS[imp], fontsize=10)
         ax.set_xlabel("λ (> 0)")
         ax.set_ylabel("Δ measure vs best λ")
@@ -860,6 +872,7 @@ def plot_best_lambdas(study_runs: pd.DataFrame, search_runs: pd.DataFrame | None
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * best.run.nunique() + 1.5))
     sns.boxplot(data=best, x="lam", y="run", ax=ax, color="0.9", fliersize=0, width=0.6)
     sns.stripplot(data=best, x="lam", y="run", ax=ax, size=4, alpha=0.7, jitter=0.2)
+    _lambda_axis(ax, best.lam)
     ax.set_xlabel("best λ of a trial")
     ax.set_ylabel("")
     ax.set_title("Where each trial's best λ lies")
