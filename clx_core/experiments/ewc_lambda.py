@@ -238,34 +238,48 @@ def _patches(x: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor
     return p.permute(0, 2, 3, 1, 4, 5).reshape(n, h * w, c * k * k)
 
 
+def _grouped(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, B, C, H, W) input and (K, O, C, k, k) weight in the layout of one grouped convolution."""
+    k, b = x.shape[:2]
+    return x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]), weight.reshape(-1, *weight.shape[2:])
+
+
 class _PatchGradConv(torch.autograd.Function):
     """Grouped convolution forward; weight gradient as patches^T @ output gradient (one bmm)."""
 
+    generate_vmap_rule = True  # torch.func (the vmap per-sample engine) runs it sample by sample
+
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(x, weight, bias, stride, padding):
+        k, b = x.shape[:2]
+        xg, wg = _grouped(x, weight)
+        y = F.conv2d(xg, wg, bias.reshape(-1), stride, padding, groups=k)
+        return y.view(b, k, -1, *y.shape[2:]).transpose(0, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, stride, padding = inputs
         ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        with torch.no_grad():
-            return Conv2d.forward(layer, x)
+        ctx.stride, ctx.padding = stride, padding
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        layer = ctx.layer
-        k, o = gy.shape[0], gy.shape[2]
+        k, b, o = gy.shape[:3]
         g = gy.permute(0, 1, 3, 4, 2).reshape(k, -1, o)  # (K, B L, O)
         gw = gb = gx = None
         if ctx.needs_input_grad[1]:
-            cols = _patches(x.flatten(0, 1), layer.kernel_size, layer.stride, layer.padding)  # (K B, L, C k k)
-            gw = torch.bmm(cols.view(k, -1, cols.shape[-1]).transpose(1, 2), g)  # (K, C k k, O)
+            cols = _patches(x.flatten(0, 1), weight.shape[-1], ctx.stride, ctx.padding)  # (K B, L, C k k)
+            gw = torch.bmm(cols.reshape(k, -1, cols.shape[-1]).transpose(1, 2), g)  # (K, C k k, O)
             gw = gw.transpose(1, 2).reshape(weight.shape)
         if ctx.needs_input_grad[2]:
             gb = g.sum(1)
         if ctx.needs_input_grad[0]:
-            with torch.enable_grad():
-                xr = x.detach().requires_grad_()
-                (gx,) = torch.autograd.grad(Conv2d.forward(layer, xr), xr, gy)
-        return gx, gw, gb, None
+            xg, wg = _grouped(x, weight)
+            gyg = gy.transpose(0, 1).reshape(b, k * o, *gy.shape[3:])
+            gxg = torch.nn.grad.conv2d_input(xg.shape, wg, gyg, ctx.stride, ctx.padding, groups=k)
+            gx = gxg.view(b, k, *x.shape[2:]).transpose(0, 1)
+        return gx, gw, gb, None, None
 
 
 class PatchConv2d(Conv2d):
@@ -280,7 +294,7 @@ class PatchConv2d(Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None or not torch.is_grad_enabled():
             return super().forward(x)
-        return _PatchGradConv.apply(x, self.weight, self.bias, self)
+        return _PatchGradConv.apply(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class ConvNet(nn.Module):
