@@ -74,7 +74,7 @@ def n_winners(n: int, percent_on: float, k_inference_factor: float = 1.0) -> tup
     """(k in training, k in evaluation) for ``n`` units: round(n * percent_on), int(k * factor)."""
     k = round(n * percent_on)
     if k < 1:
-        fail("percent_on", percent_on, f"gives round({n} * {percent_on:g}) = 0 winners; use at least {0.5 / n:.3g}")
+        fail("percent_on", percent_on, f"gives round({n} * {percent_on:g}) = 0 winners; use more than {0.5 / n:.3g}")
     k_inf = int(k * k_inference_factor)
     if not 1 <= k_inf <= n:
         fail("k_inference_factor", k_inference_factor, f"gives {k_inf} winners of {n} in evaluation; need 1..{n}")
