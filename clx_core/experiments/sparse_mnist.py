@@ -80,9 +80,9 @@ class SparseConfig(Config):
             cnn_channels=(4, 8),
             cnn_hidden=16,
             percent_on_cnn=0.25,
-            train_samples=256,
-            test_samples=200,
-            profile_samples=200,
+            train_samples=128,
+            test_samples=100,
+            profile_samples=100,
             seeds=2,
             cumulative_seeds=1,
             sweep_percent_on=(0.0625, 0.25),
@@ -91,17 +91,18 @@ class SparseConfig(Config):
         ),
         "quick": dict(
             split_archs=("mlp1",),
-            hidden_units=1000,
-            percent_on_mlp=0.004,
+            hidden_units=500,
+            percent_on_mlp=0.008,  # k = 4 winners, as the source's 4 of 4000
             cnn_channels=(8, 16),
-            cnn_hidden=128,
-            percent_on_cnn=0.1,
+            cnn_hidden=64,
+            percent_on_cnn=0.1,  # 1 and 2 winning channels per position, 6 of 64 fc units
             train_samples=2000,
-            test_samples=400,
-            profile_samples=400,
+            cnn_train_samples=1000,
+            test_samples=300,
+            profile_samples=300,
             seeds=5,
-            cumulative_seeds=2,
-            sweep_percent_on=(0.004, 0.02, 0.1, 0.3),
+            cumulative_seeds=1,
+            sweep_percent_on=(0.008, 0.04, 0.2),
             sweep_density=(0.1, 0.5, 1.0),
             sweep_seeds=2,
         ),
@@ -123,6 +124,7 @@ class SparseConfig(Config):
     split_archs: tuple[str, ...] = ("mlp1", "mlp2")
     cifar_archs: tuple[str, ...] = ("cnn",)
     train_samples: int = 0  # training images per task (a fixed random subset); 0 = all
+    cnn_train_samples: int = 0  # the same for CNNs (the costly model on a CPU); 0 = train_samples
     test_samples: int = 0  # test images per task; 0 = all
     # -- models (algorithms.md section 1)
     hidden_units: int = 4000  # MLP width (1 or 2 hidden layers)
@@ -181,6 +183,7 @@ class SparseConfig(Config):
             for a in getattr(self, name):
                 check_choice(name, a, ARCHS)
         check_int("train_samples", self.train_samples, 0)
+        check_int("cnn_train_samples", self.cnn_train_samples, 0)
         check_int("test_samples", self.test_samples, 0)
         check_int("hidden_units", self.hidden_units, 1)
         if not self.cnn_channels:
@@ -395,25 +398,38 @@ def _subsample(idx: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def make_scenario(unit: dict[str, Any], cfg: SparseConfig, device: str) -> scenarios.Scenario:
     """The unit's task stream. MLPs see 28x28 MNIST; CNNs 32x32 (MNIST zero-padded, as the
-    source's 128*24*24 fc layer requires); CIFAR is scaled to [0, 1] then ImageNet-normalised."""
+    source's 128*24*24 fc layer requires); CIFAR is scaled to [0, 1] then ImageNet-normalised.
+
+    With ``train_samples`` / ``test_samples`` each task keeps a fixed random subset of its images
+    (Permuted MNIST: the same images under every permutation, as the source). The data set is cut
+    to those images *before* padding or normalising, so small profiles never copy the whole set.
+    """
     bench, tasks = unit["benchmark"], unit["tasks"]
     if bench == "cifar":
         data = load_data(cfg.cifar_data, cfg.is_offline, None, device)
-        data = data_mod.normalize(data, data_mod.IMAGENET_MEAN[: data.shape[0]], data_mod.IMAGENET_STD[: data.shape[0]])
-        scen = scenarios.split(data, "task", classes_per_task=unit["classes_per_task"], n_tasks=tasks)
+        build = lambda d: scenarios.split(d, "task", classes_per_task=unit["classes_per_task"], n_tasks=tasks)  # noqa: E731
     else:
         data = load_data(cfg.data, cfg.is_offline, cfg.offline_data if cfg.is_offline else None, device)
-        if unit["arch"] == "cnn":
-            data = data_mod.pad_to(data, 32)
         if bench == "permuted":
-            scen = scenarios.permuted(data, "domain", tasks)
+            build = lambda d: scenarios.permuted(d, "domain", tasks)  # noqa: E731
         else:
-            scen = scenarios.split(data, "task", classes_per_task=2, n_tasks=tasks)
-    return dataclasses.replace(
-        scen,
-        train_index=[_subsample(i, unit["train_samples"], 100 + t) for t, i in enumerate(scen.train_index)],
-        test_index=[_subsample(i, unit["test_samples"], 200 + t) for t, i in enumerate(scen.test_index)],
+            build = lambda d: scenarios.split(d, "task", classes_per_task=2, n_tasks=tasks)  # noqa: E731
+    probe = build(data)  # only its indices are used
+    keep_train = torch.cat([_subsample(i, unit["train_samples"], 100) for i in probe.train_index]).unique()
+    keep_test = torch.cat([_subsample(i, unit["test_samples"], 200) for i in probe.test_index]).unique()
+    data = dataclasses.replace(
+        data,
+        train_x=data.train_x[keep_train],
+        train_y=data.train_y[keep_train],
+        test_x=data.test_x[keep_test],
+        test_y=data.test_y[keep_test],
     )
+    if bench == "cifar":
+        c = data.shape[0]
+        data = data_mod.normalize(data, data_mod.IMAGENET_MEAN[:c], data_mod.IMAGENET_STD[:c])
+    elif unit["arch"] == "cnn":
+        data = data_mod.pad_to(data, 32)
+    return build(data)
 
 
 def cifar_split(cfg: SparseConfig) -> tuple[int, int, str]:
@@ -448,7 +464,7 @@ def _unit(cfg: SparseConfig, benchmark: str, arch: str, variant: str, seed: int,
         offline=cfg.is_offline,
         tasks=tasks,
         classes_per_task=cpt,
-        train_samples=cfg.train_samples,
+        train_samples=(cfg.cnn_train_samples or cfg.train_samples) if arch == "cnn" else cfg.train_samples,
         test_samples=cfg.test_samples,
         arch=arch,
         variant=variant,
@@ -782,10 +798,26 @@ def data_labels(runs: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def key_overlap(runs: pd.DataFrame) -> str:
+    """Mean between-task overlap / chance and forgetting (%) per model, rounded: regression-checked."""
+    perm = runs[(runs.benchmark == "permuted") & (runs.stream == "task")]
+    g = perm.groupby(["arch", "variant"], sort=False)[["overlap_ratio", "forgetting"]].mean()
+    return "\n".join(
+        f"{a:4s} {v:6s} overlap/chance {r:5.1f}  forgetting {f * 100:5.1f}" for (a, v), (r, f) in g.iterrows()
+    )
+
+
 def key_numbers(runs: pd.DataFrame) -> str:
     """Mean final accuracy (%) per benchmark x model x variant, rounded: the regression-checked output."""
     g = runs.groupby(["benchmark", "arch", "variant"], sort=False).average_accuracy.mean() * 100
     return "\n".join(f"{b:8s} {a:4s} {v:10s} {x:5.1f}" for (b, a, v), x in g.items())
+
+
+def _plain_ticks():
+    """Log-axis tick labels as plain numbers (0.05, 2, 60) rather than powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
 
 
 def plot_headline(runs: pd.DataFrame):
@@ -876,6 +908,7 @@ def plot_sparsity(runs: pd.DataFrame):
             curves = np.stack(rows.active_epoch.to_list())
             curve_with_band(ax, np.arange(1, curves.shape[1] + 1), curves, v)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_plain_ticks())
         ax.set_title(ARCHS[a])
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("% non-zero penultimate units")
@@ -902,11 +935,14 @@ def plot_overlap(runs: pd.DataFrame):
     a.scatter([], [], color="C1", s=14, marker="x", label="chance at that sparsity")
     a.set_xticks(xs, labels, fontsize=8)
     a.set_yscale("log")
+    a.yaxis.set_major_formatter(_plain_ticks())
     a.set_ylabel("% of active units shared")
     a.set_title("Overlap of task codes")
     a.legend(fontsize=7)
     b.axvline(1, color="0.6", ls=":")
     b.set_xscale("log")
+    b.xaxis.set_major_formatter(_plain_ticks())
+    b.xaxis.set_minor_formatter(_plain_ticks())
     b.set_xlabel("between-task overlap / chance")
     b.set_ylabel("forgetting (%)")
     b.set_title("Overlap vs forgetting (one dot per run)")
