@@ -123,7 +123,7 @@ class _KWinnersBase(nn.Module):
     def _update_duty_cycle(self, active_sum: torch.Tensor, batch: int) -> None:
         """dc <- (dc * (period - B) + active_sum) / period, period = min(duty_cycle_period, iters)."""
         self.learning_iterations += batch
-        period = min(self.duty_cycle_period, int(self.learning_iterations))
+        period = self.learning_iterations.clamp(max=self.duty_cycle_period).to(self.duty_cycle.dtype)  # no GPU sync
         self.duty_cycle.mul_(period - batch).add_(active_sum).div_(period)
 
 

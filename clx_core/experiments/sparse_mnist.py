@@ -81,6 +81,7 @@ class SparseConfig(Config):
             cnn_hidden=16,
             percent_on_cnn=0.25,
             train_samples=128,
+            cnn_train_samples=64,
             test_samples=100,
             profile_samples=100,
             seeds=2,
@@ -782,11 +783,17 @@ def winners_note(cfg: SparseConfig) -> str:
     )
 
 
-def figure_provenance(cfg: SparseConfig, runs: pd.DataFrame, benchmark: str = "permuted") -> dict[str, Any]:
+def figure_provenance(cfg: SparseConfig, runs: pd.DataFrame, benchmark: str | None = "permuted") -> dict[str, Any]:
+    """Provenance for a figure of one benchmark, or (``None``) of all benchmarks: then the data
+    label names every data set used, substitutions included."""
     from ..results import provenance
 
-    rows = runs[runs.benchmark == benchmark]
-    data = (rows if len(rows) else runs).data.iloc[0]
+    if benchmark is None:
+        per = {b: g.data.iloc[0] for b, g in runs.groupby("benchmark", sort=False)}
+        data = {"label": "; ".join(f"{b}: {d['label']}" for b, d in per.items()), "benchmarks": per}
+    else:
+        rows = runs[runs.benchmark == benchmark]
+        data = (rows if len(rows) else runs).data.iloc[0]
     return provenance(resolve_device(cfg.device), data=data, profile=cfg.profile, config=cfg.to_dict())
 
 
@@ -884,7 +891,7 @@ def plot_after_each_task(runs: pd.DataFrame):
         cum = g[g.variant == "cumulative"]
         if len(cum):
             ax.axhline(cum.average_accuracy.mean() * 100, color="0.3", ls=":", label="cumulative (joint)")
-        ax.set_title(f"{b}, {ARCHS[a]}", fontsize=9)
+        ax.set_title(f"{b} ({g.data.iloc[0]['used']}), {ARCHS[a]}", fontsize=8)
         ax.set_xlabel("tasks learned")
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("accuracy on tasks so far (%)")
