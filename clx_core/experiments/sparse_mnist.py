@@ -63,6 +63,7 @@ SOURCE_FORGETTING = {"mlp1": (36.31, 7.28), "mlp2": (55.67, 32.82), "cnn": (50.8
 SOURCE_JUST_LEARNED = {"mlp1": (98.35, 93.18), "mlp2": (98.08, 90.53), "cnn": (98.57, 98.22)}
 SOURCE_ACTIVE = {"mlp1": (2.60, 0.05), "mlp2": (12.51, 0.05), "cnn": (2.98, 2.15)}
 VARIANTS = ("dense", "sparse")
+SOURCE_STEPS_PER_TASK = 2 * (60000 // 128)  # 2 epochs of full MNIST, batch 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,6 +591,8 @@ def _rows(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "between_shared": off_diagonal_mean(shared),
                 "between_chance": off_diagonal_mean(chance),
                 "data": rec["provenance"]["data"],
+                # SGD steps per task (Permuted MNIST: every task trains on the same image pool)
+                "steps_per_task": p["epochs"] * max(1, rec["provenance"]["data"]["train"] // p["batch_size"]),
                 "seconds_per_model": r["seconds_per_model"],
             }
         )
@@ -985,6 +988,13 @@ def verdict(runs: pd.DataFrame, sw: pd.DataFrame | None = None) -> str:
     """The conclusions in words, computed from this run's numbers."""
     lines = []
     perm = runs[(runs.benchmark == "permuted") & (runs.stream == "task")]
+    steps = ", ".join(f"{ARCHS[a]} {int(g.steps_per_task.iloc[0])}" for a, g in perm.groupby("arch", sort=False))
+    lines.append(
+        f"- Scale: SGD steps per Permuted-MNIST task in this run: {steps}; the source: {SOURCE_STEPS_PER_TASK} "
+        f"(60,000 images, batch 128, 2 epochs). Forgetting grows with the steps spent on later tasks."
+        if int(perm.steps_per_task.max()) < SOURCE_STEPS_PER_TASK
+        else f"- Scale: SGD steps per Permuted-MNIST task: {steps} (the source: {SOURCE_STEPS_PER_TASK})."
+    )
     for arch in dict.fromkeys(perm.arch):
         g = perm[perm.arch == arch]
         t = _paired(g)
