@@ -183,8 +183,8 @@ def synapse_step(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    benches = _load_plugins()  # before the parser: plugin benchmarks are valid --only choices
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    benches = _load_plugins()
     parser.add_argument("--only", nargs="*", choices=sorted(benches), help="run only these benchmarks")
     parser.add_argument("--out", default="build/bench.json", help="where to write all numbers (JSON)")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a rough check)")
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 def _load_plugins() -> dict[str, Callable[[argparse.Namespace], dict]]:
     """Benchmarks that live next to the code they measure register themselves on import.
 
-    They register in ``clx_core.bench``, which under ``python -m`` is a second copy of this
-    module (``__main__`` is the first): return that registry, before ``--only`` is parsed.
+    They register in ``clx_core.bench``; under ``python -m`` this file runs as ``__main__``, a
+    different module object, so the registry is read from the imported package module.
     """
     import importlib
 

@@ -129,3 +129,16 @@ def paired_test(a, b) -> dict[str, float]:
     out.update(t=float(t.statistic), p_t=float(t.pvalue), cohen_dz=float(d.mean() / d.std(ddof=1)))
     out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue) if np.count_nonzero(d) > 0 else math.nan
     return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN): family-wise error control for many tests."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok])]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out

@@ -48,3 +48,9 @@ def test_band_and_paired_test():
     b = a + 0.5 + rng.normal(scale=0.1, size=30)
     t = metrics.paired_test(b, a)
     assert t["p_t"] < 1e-6 and t["cohen_dz"] > 1
+
+
+def test_holm_adjustment():
+    adj = metrics.holm([0.01, 0.04, 0.03, float("nan")])
+    np.testing.assert_allclose(adj[:3], [0.03, 0.06, 0.06])
+    assert math.isnan(adj[3])
