@@ -53,6 +53,7 @@ def tiny(monkeypatch, tmp_results):
         (dict(num_steps=1), "num_steps"),
         (dict(threshold=0.0), "threshold"),
         (dict(threshold=-2.0), "threshold"),
+        (dict(threshold=25.0), "threshold"),  # no trial could ever train: an endless search
         (dict(search_measure="fisher"), "search_measure"),
         (dict(measures=("fisher_true", "ewc")), "measures"),
         (dict(measures=()), "measures"),
