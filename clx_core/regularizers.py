@@ -746,6 +746,16 @@ def _bench_model(K: int, full: bool):
     return model.eval()
 
 
+def _flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one batched forward + backward of the whole batch (the least any engine must do)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        torch.autograd.grad(out.logsumexp(-1).sum(), [p for _, p in shared_parameters(model)])
+    return float(counter.get_total_flops())
+
+
 @bench
 def fisher_diagonal(args) -> dict:
     """Per-sample squared gradients (the Fisher diagonal) on the EWC conv model: each engine vs the naive loop.
@@ -753,7 +763,9 @@ def fisher_diagonal(args) -> dict:
     The engines run interleaved, several rounds, best time each: on a shared CPU a burst of
     load then hits every engine alike instead of one.
     """
-    out: dict = {}
+    from .bench import matmul_peak
+
+    out: dict = {"matmul_peak_gflops": (peak := matmul_peak()) / 1e9}
     cases = (("source_model_K1", 1, True, 64 if args.quick else 128), ("quick_model_K20", 20, False, 64))
     methods = [m for m in GRAD_METHODS if m != "backpack" or backpack_available()]
     for label, K, full, n in cases:
@@ -770,7 +782,8 @@ def fisher_diagonal(args) -> dict:
         for m in methods:
             stats = calls[m]()  # warm-up, and the exactness check
             err = max(
-                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(stats, ref, strict=True)
+                float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).detach())
+                for a, b in zip(stats, ref, strict=True)
             )
             res[m] = {"max_rel_error_vs_naive": err}
         for _ in range(2 if args.quick else 3):
@@ -783,6 +796,11 @@ def fisher_diagonal(args) -> dict:
             if m != "naive":
                 res[m]["speedup_vs_naive"] = best["naive"] / best[m]
         res["goal_speedup"] = ">= 20x (best engine vs naive)"
+        # The compute floor: no engine can beat one batched forward + backward at the matmul peak.
+        floor = _flops(model, x)
+        res["floor_gflop_per_sample"] = floor / n / 1e9
+        res["best_possible_speedup_at_matmul_peak"] = best["naive"] / (floor / peak)
+        res["closed_form_percent_of_matmul_peak"] = 100 * floor / best["closed_form"] / peak
         out[label] = res
     return out
 
