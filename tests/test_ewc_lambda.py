@@ -326,6 +326,9 @@ def test_compare_measures_and_verdict_are_computed_from_the_numbers(monkeypatch)
     monkeypatch.setitem(el.MEASURE_LABELS, "b", "B")
     text = el.verdict(runs, runs.iloc[:0])
     assert "**A**" in text and "significant" in text and "Best importance measure" in text
+    assert text.count("Variance of the measure") == 2 and "among λ > 0 only" in text
+    var = el.variance_table(runs)
+    assert set(var.lambdas) == {"all λ", "λ > 0"} and set(var["n λ"]) == {5, 4}
 
 
 def test_source_comparison_table(tiny, monkeypatch):

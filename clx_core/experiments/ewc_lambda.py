@@ -727,7 +727,8 @@ def variance_table(runs: pd.DataFrame) -> pd.DataFrame:
             sub = M[:, cols]
             if sub.shape[1] < 2:
                 continue
-            rows.append({"measure": imp, "noise": noise, "lambdas": which, **variance_decomposition(sub)})
+            d = variance_decomposition(sub)
+            rows.append({"measure": imp, "noise": noise, "lambdas": which, "n λ": d.pop("lambdas"), **d})
     return pd.DataFrame(rows)
 
 
@@ -1000,14 +1001,21 @@ def verdict(study_runs: pd.DataFrame, search_runs: pd.DataFrame, noise: str = "c
                     f"vs neighbours p = {p_text(h['p vs left neighbour'])} / {p_text(h['p vs right neighbour'])}."
                 )
         lines.append(text)
-    pos = var[var.lambdas == "λ > 0"]
-    for _, r in pos.iterrows():
-        lines.append(
-            f"- Variance among λ > 0, {MEASURE_LABELS[r.measure]}, {r.noise}: between trials "
+    for (imp, noise), g in var.groupby(["measure", "noise"], sort=False):
+        every, pos = g[g.lambdas == "all λ"], g[g.lambdas == "λ > 0"]
+        if not len(every):
+            continue
+        r = every.iloc[0]
+        line = (
+            f"- Variance of the measure, {MEASURE_LABELS[imp]}, {noise}: between trials "
             f"{100 * r['between trials']:.0f}%, between λ {100 * r['between lambdas']:.0f}%, residual "
-            f"{100 * r['residual (trial x lambda)']:.0f}% (λ effect F = {r['F (lambda)']:.2f}, "
-            f"p = {r['p (lambda)']:.2g})."
+            f"{100 * r['residual (trial x lambda)']:.0f}%; λ matters at all: F = {r['F (lambda)']:.2f}, "
+            f"p = {r['p (lambda)']:.2g} ({p_word(r['p (lambda)'])})"
         )
+        if len(pos):
+            q = pos.iloc[0]
+            line += f"; among λ > 0 only: F = {q['F (lambda)']:.2f}, p = {q['p (lambda)']:.2g}"
+        lines.append(line + ".")
     if len(comp):
         b = comp.iloc[0]
         line = (
