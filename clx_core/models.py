@@ -133,21 +133,23 @@ class BatchNorm(nn.Module):
             self.register_buffer("running_var", torch.ones(n_models, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (x.shape[0], 1, x.shape[2]) + (1,) * (x.ndim - 3)
-        dims = (1, *range(3, x.ndim))
-        if self.training or not self.track:
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-            if self.training and self.track:
-                n = x.numel() // (x.shape[0] * x.shape[2])
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean, self.momentum)
-                    self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        # K models' C channels are K*C channels of one ordinary batch norm over (B, K*C, ...):
+        # a view of a grouped convolution's output, and torch's fused kernel (running statistics
+        # updated in place with the unbiased variance, as nn.BatchNorm does).
+        k, b, c = x.shape[:3]
+        xt = x.transpose(0, 1).reshape(b, k * c, *x.shape[3:])
+        track = self.track
+        y = F.batch_norm(
+            xt,
+            self.running_mean.view(-1) if track else None,
+            self.running_var.view(-1) if track else None,
+            None if self.weight is None else self.weight.view(-1),
+            None if self.bias is None else self.bias.view(-1),
+            training=self.training or not track,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        return y.view(b, k, c, *x.shape[3:]).transpose(0, 1)
 
 
 class Dropout(nn.Module):
@@ -187,6 +189,11 @@ class MaxPool2d(nn.Module):
         self.kernel_size, self.stride = kernel_size, stride or kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, b, c = x.shape[:3]
+        xt = x.transpose(0, 1)
+        if k > 1 and xt.is_contiguous():  # a grouped convolution's output: pool it in place, no copy
+            y = F.max_pool2d(xt.view(b, k * c, *x.shape[3:]), self.kernel_size, self.stride)
+            return y.view(b, k, c, *y.shape[2:]).transpose(0, 1)
         y = F.max_pool2d(x.flatten(0, 1), self.kernel_size, self.stride)
         return y.view(*x.shape[:3], *y.shape[2:])
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from clx_core import scenarios
 from clx_core.data import ImageData
@@ -154,6 +155,34 @@ def test_batched_layers_equal_per_model_layers():
     for k in range(3):
         ref = F.batch_norm(y[k], None, None, training=True)
         torch.testing.assert_close(z[k], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 4), (3, 8, 4, 5, 5)])
+def test_batch_norm_is_k_independent_torch_batch_norms(shape):
+    """Training steps update each model's running statistics as nn.BatchNorm does; eval uses them."""
+    torch.manual_seed(0)
+    k, c = shape[0], shape[2]
+    ours = BatchNorm(c, k, momentum=0.2)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    refs = [(nn.BatchNorm2d if len(shape) == 5 else nn.BatchNorm1d)(c, momentum=0.2) for _ in range(k)]
+    for i, r in enumerate(refs):
+        with torch.no_grad():
+            r.weight.copy_(ours.weight[i])
+            r.bias.copy_(ours.bias[i])
+    for _ in range(3):
+        x = torch.randn(*shape) * 2 + 1
+        y = ours(x)
+        for i, r in enumerate(refs):
+            torch.testing.assert_close(y[i], r(x[i]), rtol=1e-4, atol=1e-5)
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(ours.running_mean[i], r.running_mean)
+        torch.testing.assert_close(ours.running_var[i], r.running_var)
+    ours.eval()
+    x = torch.randn(*shape)
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(ours(x)[i], r.eval()(x[i]), rtol=1e-4, atol=1e-5)
 
 
 def test_init_is_per_model_and_default_scale():
