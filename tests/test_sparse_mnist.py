@@ -36,6 +36,7 @@ def test_paper_profile_is_the_source_old_protocol():
         (dict(weight_density_conv=1.5), r"'weight_density_conv' = 1.5"),
         (dict(sweep_density=(0.5, 2.0)), r"'sweep_density' = 2.0"),
         (dict(boost_strength=-0.5), "'boost_strength' = -0.5.*>= 0"),
+        (dict(cnn_lr=-0.1), "'cnn_lr' = -0.1"),
         (dict(headline_archs=("mlp3",)), "'headline_archs' = 'mlp3'"),
         (dict(data="cifar100"), "'data' = 'cifar100'"),
         (dict(seeds=0), "'seeds' = 0"),
@@ -135,3 +136,8 @@ def test_tiny_end_to_end_run_is_cached_and_reported(tmp_results):
     assert "permuted mlp1 sparse" in " ".join(sm.key_numbers(runs).split())
     again = sm.benchmark_runs(cfg)  # everything cached: same numbers
     np.testing.assert_allclose(again.average_accuracy, runs.average_accuracy)
+    assert not runs.diverged.any() and "diverged" not in text
+    broken = cfg.replace(lr=1e30, seeds=1)
+    bad = sm.benchmark_runs(broken)  # a learning rate no net survives: flagged, not silently averaged
+    assert bad[bad.variant == "dense"].diverged.all()
+    assert "diverged" in sm.verdict(bad) and sm.benchmark_table(bad)["diverged (non-finite loss)"].sum() >= 2

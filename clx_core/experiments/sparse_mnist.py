@@ -93,6 +93,7 @@ class SparseConfig(Config):
         ),
         "quick": dict(
             split_archs=("mlp1",),
+            cnn_lr=0.02,  # at lr 0.1 the small CNN diverged (NaN loss) or collapsed in several seeds
             hidden_units=500,
             percent_on_mlp=0.008,  # k = 4 winners, as the source's 4 of 4000
             cnn_channels=(8, 16),
@@ -147,6 +148,7 @@ class SparseConfig(Config):
     duty_cycle_period: int = 1000
     # -- training (OLD sections)
     lr: float = 0.1
+    cnn_lr: float = 0.0  # the CNNs' learning rate; 0 = lr (the source used one lr for every net)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
@@ -203,6 +205,7 @@ class SparseConfig(Config):
             _check_density(name, getattr(self, name))
         check_int("duty_cycle_period", self.duty_cycle_period, 1)
         check_float("lr", self.lr, 0, low_open=True)
+        check_float("cnn_lr", self.cnn_lr, 0)
         check_float("momentum", self.momentum, 0, 1, high_open=True)
         check_bool("nesterov", self.nesterov)
         if self.nesterov and self.momentum == 0:
@@ -472,7 +475,7 @@ def _unit(cfg: SparseConfig, benchmark: str, arch: str, variant: str, seed: int,
         variant=variant,
         stream="task",
         dropout=cfg.dropout,
-        lr=cfg.lr,
+        lr=(cfg.cnn_lr or cfg.lr) if arch == "cnn" else cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
@@ -536,6 +539,7 @@ def _run_group(units: list[dict[str, Any]], cfg: SparseConfig) -> tuple[list[dic
                 "overlap_chance": ov["chance"].tolist(),
                 "active_eval": ov["active"].tolist(),
                 "loss": hist.loss[k].tolist(),
+                "diverged": bool(not np.isfinite(hist.loss[k]).all()),  # its accuracies mean nothing
                 "seconds_per_model": hist.seconds / len(units),
             }
         )
@@ -582,6 +586,7 @@ def _rows(records: list[dict[str, Any]]) -> pd.DataFrame:
                 "average_accuracy": r["average_accuracy"],
                 "forgetting": r["forgetting"],
                 "just_learned": r["just_learned"],
+                "diverged": r["diverged"],
                 "acc": np.array(r["acc"]),
                 "active_epoch": np.array(r["active_epoch_mean"]),
                 "active_epoch_std": np.array(r["active_epoch_std"]),
@@ -684,6 +689,7 @@ def benchmark_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "forgetting %": _ci(g.forgetting.to_numpy() * 100) if variant != "cumulative" else "-",
                 "just learned %": _ci(g.just_learned.to_numpy() * 100) if variant != "cumulative" else "-",
                 "seeds": len(g),
+                "diverged (non-finite loss)": int(g.diverged.sum()),
             }
         )
     return pd.DataFrame(rows)
@@ -1027,6 +1033,16 @@ def verdict(runs: pd.DataFrame, sw: pd.DataFrame | None = None) -> str:
             f"active units with an image of another task in the sparse net ({s.overlap_ratio.mean():.2g}x chance) vs "
             f"{d.between_shared.mean() * 100:.2g}% in the dense net ({d.overlap_ratio.mean():.2g}x chance); "
             f"forgetting {s.forgetting.mean() * 100:.1f}% vs {d.forgetting.mean() * 100:.1f}%."
+        )
+    bad = runs[runs.diverged]
+    if len(bad):
+        where = ", ".join(
+            f"{BENCHMARKS[b]} {ARCHS[a]} {v} ({len(g)})"
+            for (b, a, v), g in bad.groupby(["benchmark", "arch", "variant"], sort=False)
+        )
+        lines.append(
+            f"- {len(bad)} of {len(runs)} runs diverged (a non-finite training loss): {where}; their accuracies "
+            f"are those of a broken net and pull the means above down. Lower the learning rate (`lr`, `cnn_lr`)."
         )
     c = overlap_correlation(runs)
     if c["n"] > 2:
