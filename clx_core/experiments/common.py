@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import pandas as pd
 import torch
 
 from .. import data as data_mod
-from ..config import check_choice, env_offline
+from ..config import Config, check_choice, env_offline
 from ..results import provenance
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,3 +49,25 @@ def adam(params, lr: float, **kw: Any) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, **kw)
+
+
+def describe(cfg: Config) -> pd.DataFrame:
+    """The settings of this run next to the source protocol (the paper profile of its config)."""
+    paper = type(cfg)(profile="paper")
+    rows = []
+    for name in cfg.field_names():
+        ours, theirs = getattr(cfg, name), getattr(paper, name)
+        rows.append(
+            {
+                "parameter": name,
+                "this run": str(ours),
+                "source protocol": str(theirs),
+                "differs": "yes" if ours != theirs and name != "profile" else "",
+            }
+        )
+    return pd.DataFrame(rows).set_index("parameter")
+
+
+def figure_provenance(cfg: Config, runs: pd.DataFrame) -> dict[str, Any]:
+    """Provenance for a figure drawn from ``runs`` (data source of its first row, the config)."""
+    return provenance(resolve_device(cfg.device), data=runs.data.iloc[0], profile=cfg.profile, config=cfg.to_dict())

@@ -30,6 +30,8 @@ from ..rng import ModelStreams
 from ..synapses import ComplexSynapseAdam
 from ..train import Schedule, train
 from .common import adam, group_provenance, load_data, resolve_device, resolve_offline
+from .common import describe as describe  # re-exported: the notebook calls it on this module
+from .common import figure_provenance as figure_provenance
 
 NOTEBOOK = "05_complex_synapses"
 
@@ -417,29 +419,6 @@ def fit_decay(decay: pd.DataFrame, chance: float = 0.1, min_since: int = 10) -> 
 
 
 # ---------------------------------------------------------------------- reporting
-
-
-def describe(cfg: SynapsesConfig) -> pd.DataFrame:
-    """The settings of this run next to the source protocol (the paper profile)."""
-    paper = SynapsesConfig(profile="paper")
-    rows = []
-    for name in cfg.field_names():
-        ours, theirs = getattr(cfg, name), getattr(paper, name)
-        rows.append(
-            {
-                "parameter": name,
-                "this run": str(ours),
-                "source protocol": str(theirs),
-                "differs": "yes" if ours != theirs and name != "profile" else "",
-            }
-        )
-    return pd.DataFrame(rows).set_index("parameter")
-
-
-def figure_provenance(cfg: SynapsesConfig, runs: pd.DataFrame) -> dict[str, Any]:
-    from ..results import provenance
-
-    return provenance(resolve_device(cfg.device), data=runs.data.iloc[0], profile=cfg.profile, config=cfg.to_dict())
 
 
 def key_numbers(runs: pd.DataFrame) -> str:

@@ -35,6 +35,8 @@ from ..results import ResultStore, group_without, results_dir, run_cached
 from ..rng import ModelStreams, derive_seed, generator
 from ..train import Schedule, train
 from .common import adam, group_provenance, load_data, resolve_device, resolve_offline
+from .common import describe as describe  # re-exported: the notebook calls it on this module
+from .common import figure_provenance as figure_provenance
 
 NOTEBOOK = "02_ewc_lambda"
 EXPERIMENT = "lambda_runs"  # one cache for every (measure, lambda, seeds) unit: search and study share it
@@ -816,29 +818,6 @@ def source_comparison(search_runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # ====================================================================== reporting
-
-
-def describe(cfg: EWCLambdaConfig) -> pd.DataFrame:
-    """The settings of this run next to the source protocol (the paper profile)."""
-    paper = EWCLambdaConfig(profile="paper")
-    rows = []
-    for name in cfg.field_names():
-        ours, theirs = getattr(cfg, name), getattr(paper, name)
-        rows.append(
-            {
-                "parameter": name,
-                "this run": str(ours),
-                "source protocol": str(theirs),
-                "differs": "yes" if ours != theirs and name != "profile" else "",
-            }
-        )
-    return pd.DataFrame(rows).set_index("parameter")
-
-
-def figure_provenance(cfg: EWCLambdaConfig, runs: pd.DataFrame) -> dict[str, Any]:
-    from ..results import provenance
-
-    return provenance(resolve_device(cfg.device), data=runs.data.iloc[0], profile=cfg.profile, config=cfg.to_dict())
 
 
 def key_numbers(search_runs: pd.DataFrame, study_runs: pd.DataFrame) -> str:

@@ -45,6 +45,7 @@ from ..sparse import (
     off_diagonal_mean,
 )
 from ..train import Schedule, train
+from .common import describe as describe  # re-exported: the notebook calls it on this module
 from .common import group_provenance, load_data, resolve_device, resolve_offline
 
 NOTEBOOK = "01_sparse_mnist"
@@ -760,23 +761,6 @@ def sweep_grid(sw: pd.DataFrame, value: str = "average_accuracy") -> pd.DataFram
 
 
 # ---------------------------------------------------------------------- reporting
-
-
-def describe(cfg: SparseConfig) -> pd.DataFrame:
-    """The settings of this run next to the source protocol (the paper profile)."""
-    paper = SparseConfig(profile="paper")
-    rows = []
-    for name in cfg.field_names():
-        ours, theirs = getattr(cfg, name), getattr(paper, name)
-        rows.append(
-            {
-                "parameter": name,
-                "this run": str(ours),
-                "source protocol": str(theirs),
-                "differs": "yes" if ours != theirs and name != "profile" else "",
-            }
-        )
-    return pd.DataFrame(rows).set_index("parameter")
 
 
 def winners_note(cfg: SparseConfig) -> str:
