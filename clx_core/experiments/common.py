@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 
 from .. import data as data_mod
 from ..config import Config, check_choice, env_offline
-from ..results import provenance
+from ..results import ResultStore, provenance, results_dir
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,6 +49,19 @@ def adam(params, lr: float, **kw: Any) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, **kw)
+
+
+class ExperimentConfig(Config):
+    """A notebook's config: the offline switch resolved and the notebook's result store."""
+
+    NOTEBOOK: ClassVar[str] = ""  # results/<profile>/<NOTEBOOK>/
+
+    @property
+    def is_offline(self) -> bool:
+        return resolve_offline(self.offline)  # every notebook config has an ``offline`` field
+
+    def store(self) -> ResultStore:
+        return ResultStore(results_dir(self.profile) / self.NOTEBOOK)
 
 
 def describe(cfg: Config) -> pd.DataFrame:

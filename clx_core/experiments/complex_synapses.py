@@ -23,13 +23,13 @@ import torch
 
 from .. import data as data_mod
 from .. import metrics, scenarios
-from ..config import Config, check_choice, check_float, check_int, fail
+from ..config import check_choice, check_float, check_int, fail
 from ..models import MLP
-from ..results import ResultStore, group_without, results_dir, run_cached
+from ..results import group_without, run_cached
 from ..rng import ModelStreams
 from ..synapses import ComplexSynapseAdam
 from ..train import Schedule, train
-from .common import adam, group_provenance, load_data, resolve_device, resolve_offline
+from .common import ExperimentConfig, adam, group_provenance, load_data, resolve_device
 from .common import describe as describe  # re-exported: the notebook calls it on this module
 from .common import figure_provenance as figure_provenance
 
@@ -47,8 +47,10 @@ OPTIMIZERS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class SynapsesConfig(Config):
+class SynapsesConfig(ExperimentConfig):
     """Parameters of notebook 05. Defaults = the source's protocol (the ``paper`` profile)."""
+
+    NOTEBOOK: ClassVar[str] = NOTEBOOK
 
     PROFILE_OVERRIDES: ClassVar = {
         "smoke": dict(
@@ -157,12 +159,6 @@ class SynapsesConfig(Config):
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
 
     # -- derived
-    @property
-    def is_offline(self) -> bool:
-        return resolve_offline(self.offline)
-
-    def store(self) -> ResultStore:
-        return ResultStore(results_dir(self.profile) / NOTEBOOK)
 
 
 # ---------------------------------------------------------------------- building blocks

@@ -28,13 +28,13 @@ from torch import nn
 
 from .. import data as data_mod
 from .. import metrics, scenarios
-from ..config import Config, check_bool, check_choice, check_float, check_int, fail
+from ..config import check_bool, check_choice, check_float, check_int, fail
 from ..models import BatchNorm, Conv2d, Flatten, Linear, MaxPool2d
 from ..regularizers import EWC, GRAD_METHODS, MEASURES, make_importance
-from ..results import ResultStore, group_without, results_dir, run_cached
+from ..results import group_without, run_cached
 from ..rng import ModelStreams, derive_seed, generator
 from ..train import Schedule, train
-from .common import adam, group_provenance, load_data, resolve_device, resolve_offline
+from .common import ExperimentConfig, adam, group_provenance, load_data, resolve_device
 from .common import describe as describe  # re-exported: the notebook calls it on this module
 from .common import figure_provenance as figure_provenance
 
@@ -70,8 +70,10 @@ SOURCE_FACTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class EWCLambdaConfig(Config):
+class EWCLambdaConfig(ExperimentConfig):
     """Parameters of notebook 02. Defaults = the source's protocol (the ``paper`` profile)."""
+
+    NOTEBOOK: ClassVar[str] = NOTEBOOK
 
     PROFILE_OVERRIDES: ClassVar = {
         "smoke": dict(
@@ -209,13 +211,6 @@ class EWCLambdaConfig(Config):
         check_bool("noise_check", self.noise_check)
         check_int("models_per_run", self.models_per_run, 0)
         check_int("seed", self.seed, 0)
-
-    @property
-    def is_offline(self) -> bool:
-        return resolve_offline(self.offline)
-
-    def store(self) -> ResultStore:
-        return ResultStore(results_dir(self.profile) / NOTEBOOK)
 
 
 def _check_task_classes(task_classes) -> None:

@@ -27,9 +27,9 @@ from torch import nn
 
 from .. import data as data_mod
 from .. import metrics, scenarios
-from ..config import Config, check_bool, check_choice, check_float, check_int, fail
+from ..config import check_bool, check_choice, check_float, check_int, fail
 from ..models import MLP, Conv2d, Dropout, Flatten, Generators, Linear
-from ..results import ResultStore, group_without, results_dir, run_cached
+from ..results import group_without, run_cached
 from ..rng import ModelStreams
 from ..sparse import (
     ActivityStats,
@@ -45,8 +45,8 @@ from ..sparse import (
     off_diagonal_mean,
 )
 from ..train import Schedule, train
+from .common import ExperimentConfig, group_provenance, load_data, resolve_device
 from .common import describe as describe  # re-exported: the notebook calls it on this module
-from .common import group_provenance, load_data, resolve_device, resolve_offline
 
 NOTEBOOK = "01_sparse_mnist"
 BENCHMARKS = {
@@ -68,8 +68,10 @@ SOURCE_STEPS_PER_TASK = 2 * (60000 // 128)  # 2 epochs of full MNIST, batch 128
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseConfig(Config):
+class SparseConfig(ExperimentConfig):
     """Parameters of notebook 01. Defaults = the source's OLD protocol (the ``paper`` profile)."""
+
+    NOTEBOOK: ClassVar[str] = NOTEBOOK
 
     PROFILE_OVERRIDES: ClassVar = {
         "smoke": dict(
@@ -226,13 +228,6 @@ class SparseConfig(Config):
         check_int("sweep_seeds", self.sweep_seeds, 0)
         check_int("models_per_run", self.models_per_run, 0)
         check_int("cnn_models_per_run", self.cnn_models_per_run, 0)
-
-    @property
-    def is_offline(self) -> bool:
-        return resolve_offline(self.offline)
-
-    def store(self) -> ResultStore:
-        return ResultStore(results_dir(self.profile) / NOTEBOOK)
 
     def archs(self, benchmark: str) -> tuple[str, ...]:
         return {"permuted": self.headline_archs, "split": self.split_archs, "cifar": self.cifar_archs}[benchmark]
